@@ -124,7 +124,7 @@ class TrainConfig:
     """
 
     epochs: int = 50
-    neuron_epochs: int = 10
+    neuron_epochs: int = 1
     batch_size: int = 2048
     eval_batch_size: int = 8192
     lr: float = 1e-3
