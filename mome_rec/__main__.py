@@ -1,0 +1,5 @@
+import sys
+
+from mome_rec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``mome-rec`` beyond train and convert, one module each."""
