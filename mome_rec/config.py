@@ -190,10 +190,14 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
     return config
 
 
-def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
-    """Build and validate a config from a mapping, as :func:`load_config` does for a file."""
+def config_from_dict(raw: Dict[str, Any], source: str = "<dict>", check_files: bool = True) -> Config:
+    """Build and validate a config from a mapping, as :func:`load_config` does for a file.
+
+    ``check_files=False`` accepts data paths that no longer exist, as when a
+    checkpoint's config is read on a machine without the training data.
+    """
     config = _build(Config, raw, source, "")
-    _validate(config, source)
+    _validate(config, source, check_files)
     return config
 
 
@@ -274,7 +278,7 @@ _SOURCES = ("synthetic", "census", "files")
 _EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd")
 
 
-def _validate(config: Config, path: str) -> None:
+def _validate(config: Config, path: str, check_files: bool = True) -> None:
     data, model, train = config.data, config.model, config.train
     if data.source not in _SOURCES:
         raise ConfigError(f"{path}: data.source must be one of {', '.join(_SOURCES)}, got {data.source!r}")
@@ -283,14 +287,14 @@ def _validate(config: Config, path: str) -> None:
     if data.source == "census":
         if data.path is None:
             raise ConfigError(f"{path}: data.path is required for the census source")
-        if not Path(data.path).is_file():
+        if check_files and not Path(data.path).is_file():
             raise ConfigError(f"{path}: data.path {data.path} not found")
     if data.source == "files":
         for split in ("train", "test"):
             if not getattr(data, split):
                 raise ConfigError(f"{path}: data.{split} is required for the files source")
         for split in ("train", "validation", "test"):
-            for name in getattr(data, split):
+            for name in getattr(data, split) if check_files else []:
                 if not Path(name).exists():
                     raise ConfigError(f"{path}: data.{split} path {name} not found")
     if data.source != "synthetic" and not data.schema.labels:
