@@ -44,9 +44,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.plan is not None:
             from mome_rec.plan_io import load_plan_for
 
-            plan = load_plan_for(args.plan, config, env.world_size)
+            plan = load_plan_for(args.plan, config, env.world_size, device=env.device, local_world_size=env.local_world_size)
         out = Path(args.out) if args.out else _default_out(args.config)
-        Trainer(config, out, env, plan=plan, resume=args.resume).run()
+        trainer = Trainer(config, out, env, plan=plan, resume=args.resume)
+        metrics = trainer.run()
+        if env.is_main:
+            from mome_rec.figures import write_run_figures
+
+            for path in write_run_figures(out, metrics, model=trainer.ranking_model):
+                logger.info("wrote %s", path)
     finally:
         shutdown_distributed()
     return 0
