@@ -38,7 +38,7 @@ def expand_columns(names: List[str]) -> List[str]:
 
 @dataclasses.dataclass
 class SchemaConfig:
-    """Which columns are sparse ids, dense floats, labels (one per task) and the row id.
+    """Column roles: sparse ids, dense floats, labels (one per task) and the row id.
 
     Column lists accept ranges: ``"categorical_{1..16}"``. ``sparse_kind`` is
     ``int`` (non-negative integer ids, checked) or ``string`` (any value).
@@ -68,7 +68,7 @@ class SyntheticConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where the splits come from and how they are read.
+    """Sources of the train, validation and test splits, and how they are read.
 
     ``source`` is ``synthetic`` (generated, cached as parquet), ``census`` (the
     adult parquet file at ``path``, split by row position) or ``files`` (CSV or
@@ -145,10 +145,16 @@ class TableConstraintConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
-    """Sharding of the embedding tables; ``tables`` maps a sparse column to constraints."""
+    """Sharding of the embedding tables.
+
+    ``tables`` maps a sparse column to planner constraints. ``table_rows`` maps
+    every sparse column to its embedding table's rows (vocabulary size + 1),
+    so that ``mome-rec plan`` can size the tables without reading the data.
+    """
 
     backend: Optional[str] = None
     tables: Dict[str, TableConstraintConfig] = dataclasses.field(default_factory=dict)
+    table_rows: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -49,11 +49,13 @@ def init_distributed(backend: Optional[str] = None) -> DistEnv:
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            # A one-process group on a fresh loopback port; the environment is left
+            # untouched so that a later job in the same process starts cleanly.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            dist.init_process_group(backend=backend, init_method=init_method, rank=0, world_size=1)
 
     rank = dist.get_rank()
     world_size = dist.get_world_size()
@@ -91,6 +93,16 @@ def all_reduce_int(value: int, op: str = "max") -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=backend_device)
     dist.all_reduce(tensor, op=ops[op])
     return int(tensor.item())
+
+
+def all_reduce_mean(value: float) -> float:
+    """Return the mean of one float over all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=backend_device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
 
 
 def barrier() -> None:
