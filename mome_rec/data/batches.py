@@ -51,8 +51,15 @@ def make_batch(arrays: Arrays, keys: List[str]) -> Batch:
     if fields != len(keys):
         raise ValueError(f"arrays.sparse has {fields} columns but {len(keys)} keys were given")
     values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T).reshape(-1))
-    sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(keys), values=values, lengths=torch.ones(rows * fields, dtype=torch.int32)
+    # Every key holds B ids, so the per-key lengths and offsets are known without summing the lengths
+    # (what KeyedJaggedTensor.from_lengths_sync would do for each batch).
+    sparse = KeyedJaggedTensor(
+        keys=list(keys),
+        values=values,
+        lengths=torch.ones(rows * fields, dtype=torch.int32),
+        stride=rows,
+        length_per_key=[rows] * fields,
+        offset_per_key=[rows * field for field in range(fields + 1)],
     )
     dense = torch.from_numpy(np.ascontiguousarray(arrays.dense, dtype=np.float32))
     if arrays.labels is None:

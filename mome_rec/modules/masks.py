@@ -10,8 +10,10 @@ is the L0 penalty, with Phi the standard normal CDF. After training, the hard
 mask is clamp(mu, 0, 1): entries are exactly 0, exactly 1 or strictly between.
 """
 
+import math
 import torch
 from torch import Tensor
+
 
 
 def relaxed_mask(mu: Tensor, sigma: float, training: bool) -> Tensor:
@@ -33,10 +35,104 @@ def relaxed_mask(mu: Tensor, sigma: float, training: bool) -> Tensor:
 
 
 def l0_penalty(mu: Tensor, sigma: float) -> Tensor:
-    """Return the expected number of non-zero mask entries, ``sum_i Phi(mu_i / sigma)``, as a scalar."""
-    return torch.special.ndtr(mu / sigma).sum()
+    """Return the expected number of non-zero mask entries, ``sum_i Phi(mu_i / sigma)``, as a scalar.
+
+    The gradient is ``phi(mu / sigma) / sigma`` with ``phi`` the standard normal
+    density. Both are computed in a custom autograd function with three
+    whole-tensor operations each, in place after the first.
+    """
+    if isinstance(mu, torch.fx.Proxy):
+        # TorchRec's train pipeline traces the train module with torch.fx, which records this expression instead.
+        return torch.special.ndtr(mu / sigma).sum()
+    return _L0Penalty.apply(mu, sigma)
 
 
 def hard_mask(mu: Tensor) -> Tensor:
     """Return the deterministic mask ``clamp(mu, 0, 1)`` used after training."""
     return mu.clamp(0.0, 1.0)
+
+
+def apply_expert_masks(weight: Tensor, mu: Tensor, sigma: float, training: bool) -> Tensor:
+    """Return ``weight ⊙ clamp(mu + eps, 0, 1)``, the weights of every expert, in one fused step.
+
+    The result and its gradients equal those of ``weight * relaxed_mask(mu,
+    sigma, training)``; the backward pass computes
+
+        d/dmu = grad ⊙ weight ⊙ 1[0 <= mu + eps <= 1],   d/dweight = sum_e grad_e ⊙ clamp(mu_e + eps_e, 0, 1)
+
+    (the indicator as in the backward of :func:`torch.clamp`). The noise comes
+    from one ``randn_like`` call and becomes ``mu + eps`` in place, which is
+    all that is saved besides ``weight``. Every step is one whole-tensor
+    operation, in place where it can be, so the ``E x out x in`` tensors
+    allocated are the noise and the result in the forward pass and two in the
+    backward pass.
+
+    Args:
+        weight: ``out x in``, shared by the experts (the neuron mask already applied).
+        mu: ``E x out x in`` expert-mask means.
+        sigma: standard deviation of the noise.
+        training: whether to add noise.
+
+    Returns:
+        ``E x out x in``: expert ``e``'s weights at index ``e``.
+    """
+    if isinstance(mu, torch.fx.Proxy):
+        return weight * relaxed_mask(mu, sigma, training)
+    if mu.dim() != 3 or mu.shape[1:] != weight.shape:
+        raise ValueError(f"apply_expert_masks: mu {list(mu.shape)} is not E x {list(weight.shape)}")
+    if torch.is_grad_enabled() and (weight.requires_grad or mu.requires_grad):
+        return _ExpertMaskedWeight.apply(weight, mu, sigma, training)
+    noisy = _noisy_means(mu, sigma, training)
+    mask = noisy.clamp_(0.0, 1.0) if training else noisy.clamp(0.0, 1.0)
+    return mask.mul_(weight)
+
+
+def _noisy_means(mu: Tensor, sigma: float, training: bool) -> Tensor:
+    """Return ``mu + eps`` in a new tensor (``mu`` itself when not training), with one ``randn_like`` call."""
+    if not training:
+        return mu
+    noisy = torch.randn_like(mu)
+    return noisy.mul_(sigma).add_(mu)
+
+
+class _ExpertMaskedWeight(torch.autograd.Function):
+    """The autograd function behind :func:`apply_expert_masks`."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mu: Tensor, sigma: float, training: bool) -> Tensor:
+        noisy = _noisy_means(mu, sigma, training)
+        ctx.save_for_backward(weight, noisy)
+        return noisy.clamp(0.0, 1.0).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, noisy = ctx.saved_tensors
+        mask = noisy.clamp(0.0, 1.0)
+        grad_weight = grad_mu = None
+        if ctx.needs_input_grad[1]:
+            # 1.0 where 0 <= mu + eps <= 1 (the clamp left the entry as it was), else 0.0
+            grad_mu = torch.eq(mask, noisy, out=torch.empty_like(noisy))
+            grad_mu.mul_(grad).mul_(weight)
+        if ctx.needs_input_grad[0]:
+            grad_weight = mask.mul_(grad).sum(dim=0)
+        return grad_weight, grad_mu, None, None
+
+
+class _L0Penalty(torch.autograd.Function):
+    """The autograd function behind :func:`l0_penalty`."""
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, sigma: float) -> Tensor:
+        ctx.save_for_backward(mu)
+        ctx.sigma = sigma
+        # sum_i Phi(x_i) = N / 2 + sum_i erf(x_i / sqrt(2)) / 2; erf has a vectorised CPU kernel, ndtr does not.
+        erf = torch.mul(mu, 1.0 / (sigma * math.sqrt(2.0))).erf_()
+        return erf.sum(dtype=mu.dtype).mul_(0.5).add_(0.5 * mu.numel())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mu,) = ctx.saved_tensors
+        sigma = ctx.sigma
+        # phi(mu / sigma) / sigma = exp(-mu^2 / (2 sigma^2)) / (sigma sqrt(2 pi))
+        density = torch.mul(mu, mu).mul_(-0.5 / sigma**2).exp_()
+        return density.mul_(grad / (sigma * math.sqrt(2.0 * math.pi))), None

@@ -18,8 +18,12 @@ A layer works in one of two modes:
 * experts (expert masks present): ``B x in`` (shared input) or ``B x E x in``
   -> ``B x E x out`` with one BatchNorm over ``E * out`` channels, channel
   ``e * out + o`` belonging to expert ``e``. A ``B x in`` input takes one matmul
-  against the masked weights laid out as ``in x (E * out)``, and a ``B x E x in``
+  against the masked weights viewed as ``(E * out) x in``, and a ``B x E x in``
   input takes one ``bmm`` over the experts.
+
+The expert weights ``W ⊙ (1 ⊗ z) ⊙ Z_e`` of all experts are built in one fused
+step per forward (:func:`~mome_rec.modules.masks.apply_expert_masks`), with one
+``randn`` call for the noise of the whole layer.
 """
 
 from typing import Optional
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mome_rec.modules.masks import hard_mask, relaxed_mask
+from mome_rec.modules.masks import apply_expert_masks, hard_mask, relaxed_mask
 
 
 class MoMELayer(nn.Module):
@@ -124,7 +128,7 @@ class MoMELayer(nn.Module):
         elif self.neuron_mask is not None:
             weight = weight * self.neuron_mask
         if self.expert_mask_mu is not None:
-            weight = weight * relaxed_mask(self.expert_mask_mu, self.sigma, self.training)
+            weight = apply_expert_masks(weight, self.expert_mask_mu, self.sigma, self.training)
         return weight
 
     def forward(self, features: Tensor) -> Tensor:
@@ -138,9 +142,11 @@ class MoMELayer(nn.Module):
         if not self.has_experts:
             hidden = F.linear(features, weight, self.bias)
         elif features.dim() == 2:
+            # Row e * out + o of the (E * out) x in view is expert e's neuron o; the view
+            # costs no copy, and the matmul reads it transposed.
             experts, out_features, in_features = weight.shape
-            stacked = weight.permute(2, 0, 1).reshape(in_features, experts * out_features)
-            hidden = torch.addmm(self.bias.repeat(experts), features, stacked)
+            stacked = weight.view(experts * out_features, in_features)
+            hidden = F.linear(features, stacked, self.bias.repeat(experts))
         else:
             # (E x B x in) @ (E x in x out) -> E x B x out, then B x (E * out) for the BatchNorm.
             hidden = torch.baddbmm(self.bias.view(1, 1, -1), features.transpose(0, 1), weight.transpose(1, 2))
