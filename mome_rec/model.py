@@ -74,6 +74,7 @@ class RankingModel(nn.Module):
         if in_features != over_arch.in_features:
             raise ValueError(f"RankingModel: the over-arch takes {over_arch.in_features} features, the inputs give {in_features}")
         self.tables = list(tables)
+        self.feature_names = [name for table in self.tables for name in table.feature_names]
         self.num_dense = num_dense
         self.sparse_arch = EmbeddingBagCollection(tables=self.tables, device=device)
         self.task_arch = TaskArch(over_arch, towers)
@@ -88,8 +89,10 @@ class RankingModel(nn.Module):
 
     def forward(self, dense_features: Tensor, sparse_features: KeyedJaggedTensor) -> Tensor:
         """Return the logits, ``B x T``, of a batch with ``B x num_dense`` dense features."""
-        pooled = self.sparse_arch(sparse_features).values()
-        features = torch.cat([pooled, dense_features], dim=1)
+        # A sharded EmbeddingBagCollection returns its keys grouped by sharding type and rank,
+        # so the pooled embeddings are concatenated by name, in table order.
+        pooled = self.sparse_arch(sparse_features)
+        features = torch.cat([pooled[name] for name in self.feature_names] + [dense_features], dim=1)
         return self.task_arch(features)
 
 

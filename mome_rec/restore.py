@@ -66,7 +66,7 @@ def load_trained_model(path: Path) -> TrainedModel:
     state = {"model": module.state_dict()}
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as error:  # DCP raises several types for damaged or foreign folders
+    except (Exception, dcp.CheckpointException) as error:  # CheckpointException derives from BaseException
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{checkpoint}: cannot load checkpoint: {message}") from error
     module.load_state_dict(state["model"])

@@ -210,13 +210,7 @@ def _touched_rows(column_index: int) -> set:
     return rows
 
 
-# NOTE: table_wise forward differs from the unsharded model (max abs 0.22) after loading the
-# unsharded weights; the cause is not found yet, so that case is expected to fail.
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(kind, marks=pytest.mark.xfail(reason="table_wise weights load into the wrong shards"))
-     if kind == "table_wise" else kind for kind in KINDS],
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_sharded_forward_equals_unsharded(results, kind):
     for rank in range(2):
         assert results[rank][kind]["forward_max_difference"] < 1e-6, f"rank {rank}"
