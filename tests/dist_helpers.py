@@ -60,8 +60,10 @@ def kill_after_checkpoint(nproc: int, args: List[str], cache_dir: Path, out_dir:
                           log_path: Path, timeout: float = 900) -> dict:
     """Start a job, SIGKILL all its processes once ``checkpoints/latest`` has ``global_step >= min_global_step``.
 
-    Returns that checkpoint's meta.json as read right before the kill. The job
-    runs in its own session, so the kill reaches torchrun and every rank.
+    Returns that checkpoint's meta.json as read right before the kill. torchrun
+    starts each rank in a session of its own, so a signal to torchrun's process
+    group misses them: the kill goes to every descendant process by pid, ranks
+    first, so that none keeps training and writing into ``out_dir``.
     """
     meta_path = out_dir / "checkpoints" / "latest" / "meta.json"
     started = time.time()
@@ -84,10 +86,53 @@ def kill_after_checkpoint(nproc: int, args: List[str], cache_dir: Path, out_dir:
                     raise AssertionError(f"no checkpoint at step {min_global_step} after {timeout} s")
                 time.sleep(0.05)
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
     return meta
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, deepest first, and wait until the descendants are gone."""
+    victims = _descendants(pid)
+    for victim in reversed(victims):
+        _kill(victim)
+    _kill(pid)
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{victim}").exists() and not _is_zombie(victim) for victim in victims):
+        if time.time() > deadline:
+            raise AssertionError(f"processes {victims} still alive 30 s after SIGKILL")
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> List[int]:
+    """Return the descendants of ``pid``, parents before children, read from /proc."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _read_json(path: Path) -> Optional[dict]:
