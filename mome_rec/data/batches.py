@@ -51,8 +51,8 @@ def make_batch(arrays: Arrays, keys: List[str]) -> Batch:
     if fields != len(keys):
         raise ValueError(f"arrays.sparse has {fields} columns but {len(keys)} keys were given")
     values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T).reshape(-1))
-    # Every key holds B ids, so the per-key lengths and offsets are known without summing the lengths
-    # (what KeyedJaggedTensor.from_lengths_sync would do for each batch).
+    # Every key has B ids, so the per-key lengths and offsets are known. KeyedJaggedTensor.from_lengths_sync
+    # would compute them by summing the lengths of every batch.
     sparse = KeyedJaggedTensor(
         keys=list(keys),
         values=values,

@@ -38,8 +38,8 @@ def l0_penalty(mu: Tensor, sigma: float) -> Tensor:
     """Return the expected number of non-zero mask entries, ``sum_i Phi(mu_i / sigma)``, as a scalar.
 
     The gradient is ``phi(mu / sigma) / sigma`` with ``phi`` the standard normal
-    density. Both are computed in a custom autograd function with three
-    whole-tensor operations each, in place after the first.
+    density. A custom autograd function computes each with a few whole-tensor
+    operations, in place after the first.
     """
     if isinstance(mu, torch.fx.Proxy):
         # TorchRec's train pipeline traces the train module with torch.fx, which records this expression instead.

@@ -90,7 +90,7 @@ class MoMELayer(nn.Module):
             self.register_parameter("expert_mask_mu", None)
         channels = out_features * (num_experts if expert_masks else 1)
         self.batch_norm: Optional[nn.BatchNorm1d] = nn.BatchNorm1d(channels) if batch_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout, inplace=True)
         self.reset_parameters()
 
     @property
@@ -142,8 +142,8 @@ class MoMELayer(nn.Module):
         if not self.has_experts:
             hidden = F.linear(features, weight, self.bias)
         elif features.dim() == 2:
-            # Row e * out + o of the (E * out) x in view is expert e's neuron o; the view
-            # costs no copy, and the matmul reads it transposed.
+            # Row e * out + o of the (E * out) x in view is expert e's neuron o. The view
+            # costs no copy because the matmul reads it transposed.
             experts, out_features, in_features = weight.shape
             stacked = weight.view(experts * out_features, in_features)
             hidden = F.linear(features, stacked, self.bias.repeat(experts))
@@ -154,7 +154,9 @@ class MoMELayer(nn.Module):
 
         if self.batch_norm is not None:
             hidden = self.batch_norm(hidden)
-        hidden = self.dropout(F.relu(hidden))
+        # Dropout(ReLU(h)) == ReLU(Dropout(h)) because dropout scales by 0 or 1 / (1 - p) > 0. In this
+        # order both run in place on the fresh pre-activations, which no backward pass reads.
+        hidden = F.relu_(self.dropout(hidden))
         if self.has_experts:
             hidden = hidden.view(batch, self.num_experts, self.out_features)
         return hidden
