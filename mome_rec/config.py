@@ -120,7 +120,11 @@ class TrainConfig:
 
     ``neuron_epochs`` is M: the first M epochs learn the neuron masks, the rest
     learn the expert masks. ``embedding_optimizer`` is ``adam``, ``adagrad`` or
-    ``sgd`` and is applied in backward to the embedding tables.
+    ``sgd`` and is applied in backward to the embedding tables. ``mask_lr`` is
+    Adam's learning rate for the mask means (``neuron_mask_mu``,
+    ``expert_mask_mu``); None means ``lr``. Adam moves a mean by about the
+    learning rate per step, so with ``lr`` 1e-3 a mean needs about 500 steps to
+    go from its initial 0.5 to 0, which a short run does not take.
     """
 
     epochs: int = 50
@@ -128,6 +132,7 @@ class TrainConfig:
     batch_size: int = 2048
     eval_batch_size: int = 8192
     lr: float = 1e-3
+    mask_lr: Optional[float] = None
     embedding_optimizer: str = "adam"
     embedding_lr: float = 1e-3
     seed: int = 0
@@ -317,6 +322,7 @@ def _validate(config: Config, path: str, check_files: bool = True) -> None:
         "train.eval_batch_size": train.eval_batch_size,
         "train.lr": train.lr,
         "train.embedding_lr": train.embedding_lr,
+        "train.mask_lr": train.lr if train.mask_lr is None else train.mask_lr,
         "data.read_batch_rows": data.read_batch_rows,
     }
     for key, value in positive.items():

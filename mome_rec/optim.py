@@ -95,12 +95,27 @@ class DenseOptimizer:
         params: the dense parameters; those without ``requires_grad`` are skipped.
         lr: Adam's learning rate.
         buffers: tensors to keep equal on every rank; non-floating ones are skipped.
+        mask_params: those of ``params`` that are mask means. They form a second
+            Adam parameter group with learning rate ``mask_lr``.
+        mask_lr: learning rate of ``mask_params``; None means ``lr``.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, buffers: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        buffers: Iterable[torch.Tensor] = (),
+        mask_params: Iterable[torch.nn.Parameter] = (),
+        mask_lr: Optional[float] = None,
+    ) -> None:
         self.params: List[torch.nn.Parameter] = [param for param in params if param.requires_grad]
         self.buffers: List[torch.Tensor] = [buffer for buffer in buffers if buffer.is_floating_point()]
-        self.adam = torch.optim.Adam(self.params, lr=lr)
+        masks = {id(param) for param in mask_params}
+        groups = [
+            {"params": [param for param in self.params if id(param) not in masks], "lr": lr},
+            {"params": [param for param in self.params if id(param) in masks], "lr": lr if mask_lr is None else mask_lr},
+        ]
+        self.adam = torch.optim.Adam([group for group in groups if group["params"]], lr=lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adam.zero_grad(set_to_none=set_to_none)

@@ -167,7 +167,11 @@ class Trainer:
     def _build_dense_optimizer(self) -> None:
         """(Re)build Adam on the dense part, needed again after the phase switch replaces its parameters."""
         task_arch = self.ranking_model.task_arch
-        self.dense_optimizer = DenseOptimizer(task_arch.parameters(), lr=self.config.train.lr, buffers=task_arch.buffers())
+        train = self.config.train
+        masks = [param for name, param in task_arch.named_parameters() if name.endswith("mask_mu")]
+        self.dense_optimizer = DenseOptimizer(
+            task_arch.parameters(), lr=train.lr, buffers=task_arch.buffers(), mask_params=masks, mask_lr=train.mask_lr
+        )
         self.optimizer = OptimizerChain([self.dense_optimizer, self.replicated_table_optimizer])
 
     # ----------------------------------------------------------- checkpoints

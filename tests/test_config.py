@@ -82,3 +82,11 @@ def test_bad_override_syntax(tmp_path):
     path = write(tmp_path, "{}\n")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(str(path), ["train.epochs"])
+
+
+def test_mask_lr_defaults_to_lr_and_must_be_positive(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.002\n")
+    assert load_config(str(path)).train.mask_lr is None
+    assert load_config(str(path), ["train.mask_lr=0.05"]).train.mask_lr == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="train.mask_lr must be positive, got -0.1"):
+        load_config(str(path), ["train.mask_lr=-0.1"])
