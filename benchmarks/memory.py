@@ -2,16 +2,18 @@
 
 Each figure is the peak resident set size of one ``python -m benchmarks.probe``
 process (see :mod:`benchmarks.probe`), so it includes the interpreter, torch
-and pyarrow. The ``baseline`` probe measures that floor alone. Scoring uses
-the model of configs/synthetic.yaml (``SMALL``): at the paper's dimensions ten
-million rows would take hours on a CPU, and the memory that grows with the
-rows is the reading and writing, not the model.
+and pyarrow. The probes of one row count run side by side. The ``baseline`` probe measures that floor alone. Scoring uses
+the model of configs/synthetic.yaml (``SMALL``). At the sizes of
+configs/aliexpress_nl.yaml ten million rows would take hours on a CPU, and
+the memory that could grow with the rows is in reading and writing, not in
+the model.
 """
 
 import json
 import logging
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,12 +29,33 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def probe(task: str, *arguments: str) -> Dict[str, Any]:
     """Run one probe process and return its JSON line."""
-    command = [sys.executable, "-m", "benchmarks.probe", task, *arguments]
-    logger.info("memory probe: %s", " ".join(command[2:]))
-    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"probe {task} failed with exit status {completed.returncode}: {completed.stderr.strip()[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return probes({task: [task, *arguments]})[task]
+
+
+def probes(commands: Dict[str, Sequence[str]]) -> Dict[str, Dict[str, Any]]:
+    """Run several probe processes at once (``name -> probe arguments``) and return each one's JSON line.
+
+    Each process's peak memory is its own, so running them side by side changes
+    their rows/s but not their peaks.
+    """
+    running = {}
+    for name, arguments in commands.items():
+        command = [sys.executable, "-m", "benchmarks.probe", *arguments]
+        logger.info("memory probe: %s", " ".join(command[2:]))
+        # Files, not pipes: a process writing more than a pipe holds would wait until it is read.
+        stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        running[name] = (subprocess.Popen(command, cwd=REPOSITORY, stdout=stdout, stderr=stderr, text=True), stdout, stderr)
+    results = {}
+    for name, (process, stdout, stderr) in running.items():
+        process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"probe {name} failed with exit status {process.returncode}: {stderr.read().strip()[-2000:]}")
+        results[name] = json.loads(stdout.read().strip().splitlines()[-1])
+        stdout.close()
+        stderr.close()
+    return results
 
 
 def scoring_model(work_dir: Path, dims: Dimensions, fit_rows: int) -> Optional[Path]:
@@ -66,15 +89,15 @@ def run_memory(
     model = scoring_model(work_dir, score_dims, min(row_counts)) if "score" in tasks else None
     results: Dict[str, Any] = {"baseline": probe("baseline"), "probes": {}}
     for rows in row_counts:
-        entry = {}
+        commands: Dict[str, List[str]] = {}
         if "batches" in tasks:
-            entry["batches"] = probe("batches", str(synthetic_parquet(work_dir, rows)), "--batch-size", str(batch_size))
+            commands["batches"] = ["batches", str(synthetic_parquet(work_dir, rows)), "--batch-size", str(batch_size)]
         if "convert" in tasks:
-            entry["convert"] = probe("convert", str(synthetic_csv(work_dir, rows)))
+            commands["convert"] = ["convert", str(synthetic_csv(work_dir, rows))]
         if model is not None:
             scores = str(work_dir / "memory-scores")
-            entry["score"] = probe("score", str(model), str(synthetic_parquet(work_dir, rows)), scores, "--batch-size", "65536")
-        results["probes"][str(rows)] = entry
+            commands["score"] = ["score", str(model), str(synthetic_parquet(work_dir, rows)), scores, "--batch-size", "65536"]
+        results["probes"][str(rows)] = probes(commands)
 
     smallest, largest = str(min(row_counts)), str(max(row_counts))
     results["peak_ratio_largest_vs_smallest"] = {

@@ -9,10 +9,10 @@ peak resident set size (``VmHWM``). Tasks:
 * ``convert CSV``: convert CSV to parquet beside it, then remove the copy.
 * ``score MODEL FILE OUT_DIR``: score FILE with an exported model into OUT_DIR.
 * ``train OUT_DIR --override KEY=VALUE ...``: the train job of configs/synthetic.yaml
-  with the overrides, one epoch; ``rows`` and ``seconds`` are then the
-  epoch's training steps alone (DistributedModelParallel on one process,
-  TorchRec's train pipeline, the embedding tables included), without the
-  set-up and the evaluation.
+  with the overrides, for one epoch. ``rows`` and ``seconds`` then count the
+  epoch's training steps alone: DistributedModelParallel on one process,
+  TorchRec's train pipeline and the embedding tables, without the set-up and
+  the evaluation.
 """
 
 import argparse

@@ -77,3 +77,11 @@ def test_benchmark_memory_json_shape(run_benchmarks):
         assert probe["rows"] == rows
         assert probe["peak_rss_bytes"] > 0
     assert set(memory["peak_ratio_largest_vs_smallest"]) == {"convert"}
+
+
+def test_schedule_rate_weights_each_phase_by_its_epochs():
+    from benchmarks.training import schedule_rate
+
+    # 1 epoch at 1000 samples/s and 2 at 500: 3 epochs of N rows take N/1000 + 2N/500 = 0.005 N s, so 600 samples/s.
+    assert schedule_rate(1000.0, 500.0, 1, 3) == pytest.approx(600.0)
+    assert schedule_rate(None, 500.0, 1, 3) is None
