@@ -85,3 +85,19 @@ def test_schedule_rate_weights_each_phase_by_its_epochs():
     # 1 epoch at 1000 samples/s and 2 at 500: 3 epochs of N rows take N/1000 + 2N/500 = 0.005 N s, so 600 samples/s.
     assert schedule_rate(1000.0, 500.0, 1, 3) == pytest.approx(600.0)
     assert schedule_rate(None, 500.0, 1, 3) is None
+
+
+def test_profile_step_groups_sum_to_total(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(REPOSITORY))
+    from benchmarks.profile_step import GROUPS, main
+
+    out = tmp_path / "profile.json"
+    assert main(["--quick", "--steps", "1", "--out", str(out)]) == 0
+    columns = json.loads(out.read_text())["milliseconds_per_step"]
+    for name in ("mome_expert_phase", "mmoe"):
+        groups = columns[name]
+        assert groups["total"] == pytest.approx(sum(groups[group] for group in GROUPS)), name
+        assert groups["matrix products"] > 0, name
+    assert columns["mome_expert_phase"]["mask noise"] > 0
+    assert columns["mmoe"]["mask noise"] == 0
+    assert "mask noise" in capsys.readouterr().out
