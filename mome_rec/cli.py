@@ -51,8 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if env.is_main:
             from mome_rec.figures import write_run_figures
 
-            for path in write_run_figures(out, metrics, model=trainer.ranking_model):
-                logger.info("wrote %s", path)
+            write_run_figures(out, metrics, model=trainer.ranking_model)  # logs each file it writes
     finally:
         shutdown_distributed()
     return 0
