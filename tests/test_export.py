@@ -278,3 +278,19 @@ def test_written_tensors_read_back_exactly(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
     for name, entry in contents.header["tensors"].items():
         assert entry["offset"] % tensors[name].element_size() == 0, name
+
+
+def test_damaged_checkpoint_names_the_reader_error(trained_run, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "best"
+    shutil.copytree(trained_run / "checkpoints" / "best", damaged)
+    data_file = next(damaged.glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:1000])  # what a copy cut short leaves
+
+    with pytest.raises(InputError) as info:
+        load_trained_model(damaged)
+    message = str(info.value)
+    assert message.startswith(f"{damaged}: cannot load checkpoint: ")
+    assert "CheckpointException" not in message  # the rank's own error, not DCP's wrapper
+    assert "\n" not in message
