@@ -164,7 +164,7 @@ def convergence_figure(path: Path, history: Sequence[Mapping[str, Any]], title: 
     if not all(math.isnan(value) for value in expert_zeros):
         right.plot(epochs, 100.0 * np.array(expert_zeros), marker="o", label="expert-mask entries at 0")
     if not all(math.isnan(value) for value in neuron_zeros):
-        right.plot(epochs, 100.0 * np.array(neuron_zeros), marker="s", label="input neurons with mask 0")
+        right.plot(epochs, 100.0 * np.array(neuron_zeros), marker="s", label="input neurons with mask 0 (mean over layers)")
     if right.lines:
         right.legend(fontsize=8)
     else:

@@ -425,11 +425,11 @@ def describe_plan(plan: ShardingPlan) -> str:
 
 
 def format_sparsity(sparsity: Dict[str, Any]) -> str:
-    """Return one short phrase: mean neuron-mask zero fraction and mean expert-mask zero fraction."""
+    """Return one short phrase: each layer's neuron-mask zero fraction and the mean expert-mask zero fraction."""
     pieces = []
     neuron = sparsity.get("neuron") or {}
     if neuron:
-        pieces.append(f"neuron zeros {100 * float(np.mean(list(neuron.values()))):.1f}%")
+        pieces.append("neuron zeros per layer " + " / ".join(f"{100 * float(value):.1f}%" for value in neuron.values()))
     experts = sparsity.get("experts") or []
     if experts:
         pieces.append(f"expert zeros {100 * float(np.mean([e['zero'] for e in experts])):.1f}%")
