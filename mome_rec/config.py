@@ -192,10 +192,12 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
 
+    # Build once from the file and once after each override, so that an unknown key or a wrong type is
+    # blamed on the file or on the override that brought it.
+    config = _build(Config, raw, path, "")
     for override in overrides or []:
         _apply_override(raw, override, path)
-
-    config = _build(Config, raw, path, "")
+        config = _build(Config, raw, f"override {override!r}", "")
     _resolve_paths(config, config_path.parent)
     _validate(config, path)
     return config

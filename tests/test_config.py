@@ -90,3 +90,13 @@ def test_mask_lr_defaults_to_lr_and_must_be_positive(tmp_path):
     assert load_config(str(path), ["train.mask_lr=0.05"]).train.mask_lr == pytest.approx(0.05)
     with pytest.raises(ConfigError, match="train.mask_lr must be positive, got -0.1"):
         load_config(str(path), ["train.mask_lr=-0.1"])
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["train.epochs=abc"])
+    assert str(info.value) == "override 'train.epochs=abc': train.epochs must be int, got 'abc'"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["model.nonexistent=3"])
+    assert str(info.value).startswith("override 'model.nonexistent=3': unknown key model.nonexistent")
