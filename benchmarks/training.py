@@ -21,11 +21,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from benchmarks.common import Dimensions, median_seconds, ratio, summary, synthetic_batch, time_interleaved
-from mome_rec.config import config_from_dict
+from mome_rec.config import load_config
 from mome_rec.model import TaskArch, multitask_loss
 from mome_rec.modules import build_over_arch
 from mome_rec.modules.over_arch import OVER_ARCHS
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SCHEDULE_CONFIG = REPOSITORY / "configs" / "aliexpress_nl.yaml"
-_PAPER_TRAIN = config_from_dict(yaml.safe_load(SCHEDULE_CONFIG.read_text()), str(SCHEDULE_CONFIG), check_files=False).train
+_PAPER_TRAIN = load_config(str(SCHEDULE_CONFIG), check_files=False).train
 SCHEDULE = (_PAPER_TRAIN.neuron_epochs, _PAPER_TRAIN.epochs)
 """``(M, epochs)`` of the paper's settings, for the whole-job ratio: M neuron-phase epochs, then the expert phase."""
 

@@ -175,10 +175,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
+def load_config(path: str, overrides: Optional[List[str]] = None, check_files: bool = True) -> Config:
     """Read ``path`` (YAML), apply ``key=value`` overrides and validate the result.
 
     Relative data paths are resolved against the config file's folder.
+    ``check_files=False`` accepts data paths that do not exist, for commands
+    such as ``mome-rec plan`` that do not read the data.
     """
     config_path = Path(path)
     if not config_path.is_file():
@@ -199,7 +201,7 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
         _apply_override(raw, override, path)
         config = _build(Config, raw, f"override {override!r}", "")
     _resolve_paths(config, config_path.parent)
-    _validate(config, path)
+    _validate(config, path, check_files)
     return config
 
 

@@ -190,9 +190,9 @@ def _mome_rec_errors(caplog):
 
 
 def _nl_config(overrides=()):
-    from mome_rec.commands.plan import _read_config
+    from mome_rec.config import load_config
 
-    return _read_config(NL_CONFIG, list(overrides))
+    return load_config(NL_CONFIG, list(overrides), check_files=False)
 
 
 @pytest.mark.parametrize(

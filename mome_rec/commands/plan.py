@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import yaml
-
 logger = logging.getLogger(__name__)
 
 
@@ -37,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from mome_rec.config import load_config
     from mome_rec.errors import InputError
     from mome_rec.plan_io import config_schema, save_plan
     from mome_rec.planning import format_report, plan_offline
@@ -49,7 +48,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     local_world_size = args.local_world_size or min(args.world_size, 8)
 
-    config = _read_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, check_files=False)  # the plan may not need the data
     schema = config_schema(config)
     table_sizes = _table_sizes(args, config, schema.sparse)
     plan, report = plan_offline(
@@ -60,29 +59,6 @@ def run_plan(args: argparse.Namespace) -> int:
     save_plan(Path(args.out), plan, report)
     logger.info("wrote %s", args.out)
     return 0
-
-
-def _read_config(path: str, overrides: List[str]):
-    """Parse the config without requiring its data files, which the plan may not need.
-
-    NOTE: this repeats load_config's parsing with ``check_files=False`` because
-    load_config has no such switch; relative data paths stay unresolved here.
-    """
-    from mome_rec.config import _apply_override, config_from_dict
-    from mome_rec.errors import ConfigError
-
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for override in overrides:
-        _apply_override(raw, override, path)
-    return config_from_dict(raw, source=path, check_files=False)
 
 
 def _table_sizes(args: argparse.Namespace, config, columns: List[str]) -> Dict[str, int]:
