@@ -31,7 +31,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mome_rec.distributed import barrier
-from mome_rec.errors import InputError
+from mome_rec.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def checkpoint_keys(path: Path) -> Set[str]:
     try:
         return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     except (Exception, CheckpointException) as error:  # DCP raises several types for a damaged folder
-        raise InputError(f"{path}: cannot read checkpoint metadata: {error_summary(error)}") from error
+        raise InputError(f"{path}: cannot read checkpoint metadata: {first_line(error)}") from error
 
 
 def load_checkpoint(path: Path, state: Dict[str, Any], partial: bool = False) -> None:
@@ -145,7 +145,7 @@ def load_checkpoint(path: Path, state: Dict[str, Any], partial: bool = False) ->
         dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=partial))
     except (Exception, CheckpointException) as error:
         # DCP raises several types for a damaged or foreign folder; CheckpointException is a BaseException.
-        raise InputError(f"{path}: cannot load checkpoint: {error_summary(error)}") from error
+        raise InputError(f"{path}: cannot load checkpoint: {first_line(error)}") from error
 
 
 def read_rank_state(path: Path, rank: int) -> Optional[Dict[str, Any]]:
@@ -169,12 +169,3 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
-
-
-def error_summary(error: BaseException) -> str:
-    """Return the first line of ``error``, or of the first rank's error inside a DCP ``CheckpointException``."""
-    if isinstance(error, CheckpointException) and error.failures:
-        # failures maps each failed rank to (exception, traceback).
-        return error_summary(next(iter(error.failures.values()))[0])
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -26,7 +26,7 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
 from mome_rec.config import Config
-from mome_rec.errors import ConfigError, InputError
+from mome_rec.errors import ConfigError, InputError, first_line
 from mome_rec.model import build_model
 from mome_rec.optim import apply_embedding_optimizer, embedding_optimizer_name
 from mome_rec.train_module import TrainModule
@@ -136,7 +136,7 @@ def collective_plan(
     try:
         return planner.collective_plan(module, get_default_sharders(), dist.GroupMember.WORLD)
     except (PlannerError, RuntimeError) as error:  # RuntimeError: no kernel fits a table's constraints
-        raise InputError(f"sharding planner failed: {_first_line(error)}") from error
+        raise InputError(f"sharding planner failed: {first_line(error)}") from error
 
 
 # ------------------------------------------------------------------ offline
@@ -224,7 +224,7 @@ def plan_offline(
     try:
         plan = planner.plan(module, get_default_sharders())
     except (PlannerError, RuntimeError) as error:  # RuntimeError: no kernel fits a table's constraints
-        raise InputError(f"sharding planner failed for {world_size} x {compute_device}: {_first_line(error)}") from error
+        raise InputError(f"sharding planner failed for {world_size} x {compute_device}: {first_line(error)}") from error
 
     order = {table_name(column): index for index, column in enumerate(table_sizes)}
     tables = []
@@ -295,8 +295,3 @@ def _format_ranks(ranks: List[int]) -> str:
             pieces.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = rank
     return ",".join(pieces)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -8,10 +8,10 @@ from typing import Any, Dict
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mome_rec.checkpoint import META_FILE, error_summary, read_meta
+from mome_rec.checkpoint import META_FILE, read_meta
 from mome_rec.config import Config, config_from_dict
 from mome_rec.data.preprocess import Preprocessor
-from mome_rec.errors import InputError
+from mome_rec.errors import InputError, first_line
 from mome_rec.model import RankingModel, build_model
 from mome_rec.train_module import TrainModule
 
@@ -67,7 +67,7 @@ def load_trained_model(path: Path) -> TrainedModel:
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except (Exception, dcp.CheckpointException) as error:  # CheckpointException derives from BaseException
-        raise InputError(f"{checkpoint}: cannot load checkpoint: {error_summary(error)}") from error
+        raise InputError(f"{checkpoint}: cannot load checkpoint: {first_line(error)}") from error
     module.load_state_dict(state["model"])
     model.eval()
     logger.info("loaded %s (phase %s)", checkpoint, structure.get("phase", "none"))

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from mome_rec.errors import DataError
+from mome_rec.errors import DataError, first_line
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz")
@@ -142,7 +142,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"{path}: not a readable parquet file ({_first_line(error)})") from error
+        raise DataError(f"{path}: not a readable parquet file ({first_line(error)})") from error
 
 
 def _iter_parquet(
@@ -239,7 +239,7 @@ def locate_csv_error(
     path: Path, columns: List[str], types: Dict[str, pa.DataType], block_bytes: int, error: pa.ArrowInvalid
 ) -> DataError:
     """Turn an arrow CSV error into a DataError that names the first bad row and column."""
-    message = _first_line(error)
+    message = first_line(error)
     if "parse error" in message.lower():
         return _locate_malformed_row(path, message)
 
@@ -288,7 +288,7 @@ def _count_csv_rows(path: str, size: int, mtime_ns: int) -> int:
         for batch in open_csv_stream(Path(path), header[:1], {header[0]: pa.string()}, 1 << 24):
             rows += batch.num_rows
     except pa.ArrowInvalid as error:
-        raise _locate_malformed_row(Path(path), _first_line(error)) from error
+        raise _locate_malformed_row(Path(path), first_line(error)) from error
     return rows
 
 
@@ -299,8 +299,3 @@ def can_cast(array: pa.Array, target_type: pa.DataType) -> bool:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return False
     return True
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
