@@ -89,7 +89,7 @@ def training_step(model: nn.Module, features: Tensor, labels: Tensor, steps: int
 def mome_components(model: TaskArch, features: Tensor) -> Dict[str, Callable[[], None]]:
     """Return timers of the MoME-only work of one expert-phase step, summed over the layers.
 
-    ``noise``: the ``randn_like`` draws of the expert-mask noise. ``masks``:
+    ``noise``: the ``normal_`` draws of the expert-mask noise. ``masks``:
     building the expert weights and their backward pass, the noise included.
     ``l0``: the L0 penalty and its gradient.
     """
@@ -99,7 +99,7 @@ def mome_components(model: TaskArch, features: Tensor) -> Dict[str, Callable[[],
 
     def noise() -> None:
         for layer in layers:
-            torch.randn_like(layer.expert_mask_mu)
+            torch.empty_like(layer.expert_mask_mu).normal_(0.0, layer.sigma)
 
     def masks() -> None:
         for layer, gradient in zip(layers, gradients):

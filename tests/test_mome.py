@@ -8,7 +8,6 @@ import torch
 from mome_rec.config import ModelConfig
 from mome_rec.errors import ConfigError, InputError
 from mome_rec.modules import MoMEOverArch, build_over_arch
-from mome_rec.modules import masks as masks_module
 
 PHI_1 = 0.841344746
 
@@ -171,21 +170,22 @@ def test_gradients_reach_every_expert_mask():
     assert bool((over_arch.gates.linear.weight.grad != 0).any())
 
 
-def count_randn_like_calls(monkeypatch):
+def count_noise_draws(monkeypatch):
+    """Record the shape of every tensor that ``Tensor.normal_`` fills, the masks' one source of noise."""
     calls = []
-    original = torch.randn_like
+    original = torch.Tensor.normal_
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.shape)
+        return original(tensor, *args, **kwargs)
 
-    monkeypatch.setattr(masks_module.torch, "randn_like", counting)
+    monkeypatch.setattr(torch.Tensor, "normal_", counting)
     return calls
 
 
 def test_one_noise_draw_per_layer(monkeypatch):
     over_arch = warmed_up_mome()
-    calls = count_randn_like_calls(monkeypatch)
+    calls = count_noise_draws(monkeypatch)
     over_arch(torch.randn(8, 6))
     assert calls == [torch.Size([6]), torch.Size([5]), torch.Size([4])]
 

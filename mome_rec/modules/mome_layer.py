@@ -23,7 +23,7 @@ A layer works in one of two modes:
 
 The expert weights ``W ⊙ (1 ⊗ z) ⊙ Z_e`` of all experts are built in one fused
 step per forward (:func:`~mome_rec.modules.masks.apply_expert_masks`), with one
-``randn`` call for the noise of the whole layer.
+``normal_`` call for the noise of the whole layer.
 """
 
 from typing import Optional
@@ -120,7 +120,7 @@ class MoMELayer(nn.Module):
     def masked_weight(self) -> Tensor:
         """Return ``W ⊙ (1 ⊗ z)`` (``out x in``) or, in the experts mode, ``W ⊙ (1 ⊗ z) ⊙ Z_e`` (``E x out x in``).
 
-        In training the learned masks are drawn with noise, one ``randn`` call per mask.
+        In training the learned masks are drawn with noise, one ``normal_`` call per mask.
         """
         weight = self.weight
         if self.neuron_mask_mu is not None:
