@@ -42,7 +42,7 @@ def probes(commands: Dict[str, Sequence[str]]) -> Dict[str, Dict[str, Any]]:
     for name, arguments in commands.items():
         command = [sys.executable, "-m", "benchmarks.probe", *arguments]
         logger.info("memory probe: %s", " ".join(command[2:]))
-        # Files, not pipes: a process writing more than a pipe holds would wait until it is read.
+        # Files, not pipes: a process that writes more than the pipe buffer blocks until the parent reads.
         stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         running[name] = (subprocess.Popen(command, cwd=REPOSITORY, stdout=stdout, stderr=stderr, text=True), stdout, stderr)
     results = {}

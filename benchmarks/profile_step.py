@@ -1,12 +1,12 @@
 """Show where a training step's time goes: MoME's expert phase next to mome_rec's MMoE.
 
-    python -m benchmarks.profile_step                 # the paper's dimensions, 2 steps each
+    python -m benchmarks.profile_step                 # the MoME paper's AliExpress dimensions, 2 steps each
     python -m benchmarks.profile_step --quick --out /tmp/profile.json
 
 Both models run the dense step of :mod:`benchmarks.training` under
 ``torch.profiler``. The self CPU time of every ATen operator is summed into
-the groups of :data:`GROUPS`, per step, so the two columns differ only where
-MoME does work that MMoE does not. This is a profile, not a benchmark: the
+the groups of :data:`GROUPS`, per step. Apart from run-to-run noise, the two
+columns differ where MoME does work that MMoE does not. This is a profile, not a benchmark: the
 profiler adds overhead of its own, and the rates in ``benchmarks.run`` are the
 figures to compare.
 """

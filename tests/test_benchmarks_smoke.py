@@ -79,7 +79,7 @@ def test_benchmark_memory_json_shape(run_benchmarks):
     assert set(memory["peak_ratio_largest_vs_smallest"]) == {"convert"}
 
 
-def test_schedule_rate_weights_each_phase_by_its_epochs():
+def test_schedule_rate_weights_phase_epochs():
     from benchmarks.training import schedule_rate
 
     # 1 epoch at 1000 samples/s and 2 at 500: 3 epochs of N rows take N/1000 + 2N/500 = 0.005 N s, so 600 samples/s.

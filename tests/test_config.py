@@ -84,7 +84,7 @@ def test_bad_override_syntax(tmp_path):
         load_config(str(path), ["train.epochs"])
 
 
-def test_mask_lr_defaults_to_lr_and_must_be_positive(tmp_path):
+def test_mask_lr_default_and_bounds(tmp_path):
     path = write(tmp_path, "train:\n  lr: 0.002\n")
     assert load_config(str(path)).train.mask_lr is None
     assert load_config(str(path), ["train.mask_lr=0.05"]).train.mask_lr == pytest.approx(0.05)
@@ -92,7 +92,7 @@ def test_mask_lr_defaults_to_lr_and_must_be_positive(tmp_path):
         load_config(str(path), ["train.mask_lr=-0.1"])
 
 
-def test_override_errors_name_the_override_not_the_file(tmp_path):
+def test_override_error_names_override(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 5\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path), ["train.epochs=abc"])

@@ -280,7 +280,7 @@ def test_written_tensors_read_back_exactly(tmp_path):
         assert entry["offset"] % tensors[name].element_size() == 0, name
 
 
-def test_damaged_checkpoint_names_the_reader_error(trained_run, tmp_path):
+def test_damaged_checkpoint_names_reader_error(trained_run, tmp_path):
     import shutil
 
     damaged = tmp_path / "best"

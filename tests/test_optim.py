@@ -16,7 +16,7 @@ def _step(mask_lr):
     return weight.detach(), mask_mu.detach()
 
 
-def test_mask_means_take_their_own_learning_rate():
+def test_mask_means_own_learning_rate():
     # Adam's first step is lr * g / (|g| + 1e-8) (both moments bias-corrected): lr * sign(g) up to 1e-8.
     weight, mask_mu = _step(mask_lr=0.05)
     assert weight.tolist() == pytest.approx([1.0 - 1e-3, 1.0 + 1e-3], abs=1e-7)
